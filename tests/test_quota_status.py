@@ -272,7 +272,9 @@ def test_theStoreFailingIsDeferIfPermit(users):
     """
     The store cannot be asked: DEFER_IF_PERMIT, as Dovecot's quota-status
     answers its errors (Postfix defers the recipient unless another
-    restriction refuses it), logged; the connection goes on.
+    restriction refuses it), logged with the store's error (Postfix
+    defers at its RCPT, so no LMTP line ever says it); the connection
+    goes on.
     """
     faulty = FaultInjectingStore(users)
     faulty.fail("quotaOf", TemporaryFailure("database unavailable"))
@@ -281,6 +283,9 @@ def test_theStoreFailingIsDeferIfPermit(users):
     assert TEMPFAIL_ACTION.startswith("DEFER_IF_PERMIT 4.3.0 ")
     [line] = c.lines("quota_status.answer")
     assert line.startswith(f"quota-status tempfail recipient=<{FULL}> size=10 action=DEFER_IF_PERMIT ")
+    assert line.endswith(": database unavailable")
+    [event] = [e for e in c.events if e.get("event") == "quota_status.answer"]
+    assert event["error"] == "database unavailable"
     faulty.heal()
     assert c.ask(FULL, 10) == "action=452 4.2.2 mailbox full\n\n"
 

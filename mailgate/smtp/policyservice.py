@@ -385,17 +385,17 @@ class QuotaStatusServer(Protocol):
                     f"{ACCESS_POLICY} peer={self.peerText}: answered DUNNO",
                     event="quota_status.unknown_request",
                 )
-            self._send(DUNNO, "ignored", attributes)
+            self._send(DUNNO, "ignored", attributes=attributes)
             return
         if not recipient:
             # Not asked at RCPT (the end of DATA, with several recipients).
-            self._send(DUNNO, "ignored", attributes)
+            self._send(DUNNO, "ignored", attributes=attributes)
             return
         size = _size(attributes.get("size"))
         self._busy = True
         self.transport.pauseProducing()
         d = defer.maybeDeferred(self.factory.check, recipient, size, attributes)
-        d.addCallback(lambda answer: self._send(answer[0], answer[1], attributes, size))
+        d.addCallback(lambda answer: self._send(*answer, attributes=attributes, size=size))
         d.addErrback(self._internalError, attributes, size)
         d.addBoth(self._done)
 
@@ -405,7 +405,7 @@ class QuotaStatusServer(Protocol):
             line=f"quota-status check failed recipient=<{_shown(attributes.get('recipient'))}> peer={self.peerText}",
             event="quota_status.error", session=self.sessionId, protocol="quota-status", peer=self.peerText,
         )
-        self._send(TEMPFAIL_ACTION, "tempfail", attributes, size)
+        self._send(TEMPFAIL_ACTION, "tempfail", attributes=attributes, size=size)
 
     def _done(self, _):
         self._busy = False
@@ -415,7 +415,13 @@ class QuotaStatusServer(Protocol):
         self.transport.resumeProducing()
         self._process()
 
-    def _send(self, action, result, attributes, size=None):
+    def _send(self, action, result, error=None, *, attributes, size=None):
+        """
+        Answer C{action}, counted as C{result}; C{error}, the store's
+        failure of a C{tempfail}, ends its line: Postfix defers the
+        recipient at its RCPT, so mailgate's LMTP, whose line would have
+        said why, is never reached.
+        """
         if self._closed:
             return
         self.factory.countAnswer(result)
@@ -423,16 +429,19 @@ class QuotaStatusServer(Protocol):
             # No message content here, nor anything of the sender's
             # but the addresses Postfix's own log has.
             level = LogLevel.warn if result == "tempfail" else LogLevel.info
+            fields = {} if error is None else {"error": error}
             self._log(
                 level,
                 f"quota-status {result} recipient=<{_shown(attributes.get('recipient'))}> size={size or 0} "
                 f"action={printable(action)} client={_shown(attributes.get('client_address'), 64)} "
-                f"queue_id={_shown(attributes.get('queue_id'), 32) or '-'} peer={self.peerText}",
+                f"queue_id={_shown(attributes.get('queue_id'), 32) or '-'} peer={self.peerText}"
+                + ("" if error is None else f": {error}"),
                 event="quota_status.answer",
                 result=result,
                 recipient=_shown(attributes.get("recipient")),
                 size=size or 0,
                 action=action,
+                **fields,
             )
         self.transport.write(b"action=" + action.encode("utf-8") + b"\n\n")
 
@@ -541,7 +550,8 @@ class QuotaStatusFactory(Factory):
         octets (C{0}: not declared).
 
         @return: a L{Deferred} of C{(action, result)}, C{result} one of
-            L{mailgate.metrics.QUOTA_STATUS_RESULTS}.
+            L{mailgate.metrics.QUOTA_STATUS_RESULTS}; of C{(action,
+            "tempfail", error)} when the store failed, C{error} its text.
         """
         d = self.delivery.checkRecipient(recipient, self.roomNeeded(recipient, size, attributes))
         return d.addCallbacks(lambda _: (self.actions.success, "success"), self._refused, errbackArgs=(recipient,))
@@ -560,5 +570,5 @@ class QuotaStatusFactory(Factory):
             # own restrictions decide about it.
             return (DUNNO, "ignored")
         if failure.check(TemporaryFailure):
-            return (TEMPFAIL_ACTION, "tempfail")
+            return (TEMPFAIL_ACTION, "tempfail", printable(str(failure.value) or failure.value.__class__.__name__))
         return failure
