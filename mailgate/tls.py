@@ -239,8 +239,10 @@ def setCiphers(context, ciphers):
     """
     try:
         context.set_ciphers(ciphers + NEVER)
-    except ssl.SSLError as e:
-        raise ConfigurationError(f"tls-ciphers {ciphers!r} selects no cipher suite OpenSSL has ({e})") from None
+    except ssl.SSLError:
+        # Python's error reads "('No cipher can be selected.',)": the
+        # line says it without that.
+        raise ConfigurationError(f"tls-ciphers {ciphers!r} selects no cipher suite OpenSSL has") from None
 
 
 # The authentication of the TLS 1.2 suites each type of key serves, as
