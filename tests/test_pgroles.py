@@ -220,3 +220,29 @@ def test_aCopyIntoTheDatabaseAsTheNodesRoleIsRefusedBeforeCopying(roles, tmp_pat
     assert mailgateHere(roles.nodeURL, "user", "list")[1].splitlines()[1:] == []
     code, out, err = mailgateHere(roles.nodeURL, "db", "copy", "--from", source, "--to", roles.ownerURL)
     assert code == 0, err
+
+
+def test_aRoleThatMayOnlyReadServesTheCommandsThatOnlyRead(roles):
+    """
+    A monitoring host's role, granted SELECT alone (as Dovecot's and
+    Postfix's SQL users may only read), runs the commands that only read:
+    user list, who, nodes, ban list, mailbox list.  Each was refused, exit
+    78, telling the DBA to grant it INSERT, UPDATE and DELETE on every
+    table.  A command that writes is refused as before, naming what it
+    lacks; so is a role that may not even read.
+    """
+    roles.asSuperuser(f"GRANT USAGE ON SCHEMA {roles.schema} TO {roles.node}")
+    cli = AdminCommand(roles.ownerURL)
+    cli.addUser(ALICE, "pw")
+    for command in (["user", "list"], ["who"], ["nodes"], ["ban", "list"], ["mailbox", "list", ALICE]):
+        code, out, err = mailgateHere(roles.nodeURL, *command)
+        assert code == 78 and f"the database role {roles.node} may not SELECT on table " in err, (command, err)
+        assert f"GRANT SELECT ON ALL TABLES IN SCHEMA {roles.schema} TO {roles.node}," in err, err
+    roles.asSuperuser(f"GRANT SELECT ON ALL TABLES IN SCHEMA {roles.schema} TO {roles.node}")
+    for command in (["user", "list"], ["who"], ["nodes"], ["ban", "list"], ["mailbox", "list", ALICE]):
+        code, out, err = mailgateHere(roles.nodeURL, *command)
+        assert (code, err) == (0, ""), (command, err)
+    assert ALICE in mailgateHere(roles.nodeURL, "user", "list")[1]
+    code, out, err = mailgateHere(roles.nodeURL, "ban", "add", "192.0.2.1")
+    assert code == 78 and f"the database role {roles.node} may not INSERT, UPDATE, DELETE on table " in err, err
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {roles.schema} TO {roles.node}," in err

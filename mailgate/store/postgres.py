@@ -265,6 +265,7 @@ class PostgresEngine:
             primary (L{_targetSession}).
         """
         self.url = url
+        self.readsOnly = readsOnly
         self._conninfo = _conninfo(url)
         # Parameters every connection adds to the URL's.
         self._parameters = {**_clientKeepalive(self._conninfo), **_targetSession(self._conninfo, readsOnly)}

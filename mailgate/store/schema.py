@@ -539,6 +539,11 @@ TABLE_PRIVILEGES = {
 }
 
 
+#: What a role needs for the commands that only read (user list, who,
+#: nodes, ban list: a monitoring host's): to read every table.
+READ_ONLY_PRIVILEGES = dict.fromkeys(TABLE_PRIVILEGES, ("SELECT",))
+
+
 def _ensureVersionTable(cursor):
     cursor.execute(
         f"CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} "
@@ -819,16 +824,21 @@ def _checkPrivileges(engine, conn):
     @raise mailgate.errors.ConfigurationError: naming the role, what it
         lacks on which table, and the grant that gives it.
     """
-    missing = runTransaction(engine, conn, engine.missingPrivileges, (TABLE_PRIVILEGES,), {}, False)
+    # A command that only reads (user list, nodes) needs to read alone: a
+    # monitoring host's role that may only SELECT was told to be granted
+    # INSERT, UPDATE and DELETE too.
+    readsOnly = getattr(engine, "readsOnly", False)
+    needed, granted = (READ_ONLY_PRIVILEGES, ("SELECT",)) if readsOnly else (TABLE_PRIVILEGES, READ_WRITE)
+    missing = runTransaction(engine, conn, engine.missingPrivileges, (needed,), {}, False)
     if not missing:
         return
     lacking = "; ".join(f"{', '.join(privileges)} on table {table}" for table, privileges, _, _ in missing)
     _, _, schema, role = missing[0]
     raise ConfigurationError(
         f"the database role {role} may not {lacking}, which mailgate needs: as the schema's owner, "
-        f"GRANT {', '.join(READ_WRITE)} ON ALL TABLES IN SCHEMA {schema} TO {role}, and for the "
+        f"GRANT {', '.join(granted)} ON ALL TABLES IN SCHEMA {schema} TO {role}, and for the "
         f"tables of later upgrades ALTER DEFAULT PRIVILEGES IN SCHEMA {schema} "
-        f"GRANT {', '.join(READ_WRITE)} ON TABLES TO {role}"
+        f"GRANT {', '.join(granted)} ON TABLES TO {role}"
     )
 
 
