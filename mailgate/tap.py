@@ -259,12 +259,40 @@ class Options(usage.Options):
         warning = self.overriddenWarning()
         if warning:
             _log.warn("{warning}", warning=warning, event="config.overridden")
+        warning = self.masterUsersWarning()
+        if warning:
+            _log.warn("{warning}", warning=warning, event="config.master_users_on")
         # As at start: a file replaced since (mv of a file written under
         # the usual umask) may hand every user the database's password.
         warning = configFileWarning(self.configPath)
         if warning:
             _log.warn("{warning}", warning=warning, event="config.file_permissions")
         return attr.evolve(config, reloadOnSIGHUP=True)
+
+    def masterUsersWarning(self):
+        """
+        What to warn of, if anything, in C{master-users = false} in the
+        C{--config} file beside a C{master-user-separator} (the file's or
+        the command line's): the separator turns master logins on by
+        itself, so they stay on, where an administrator who wrote false
+        meant them off (and the reload that wrote it said it takes effect
+        at the next restart).  Warned of, not refused: the example file
+        uncommented as a whole says both.
+        """
+        if not self.configPath or "master-users" in self.given:
+            return None
+        try:
+            values = configuration.readFile(self.configPath, self.settings)
+        except ConfigurationError:
+            return None
+        separator = self.given.get("master-user-separator", values.get("master-user-separator"))
+        if values.get("master-users") is not False or separator is None:
+            return None
+        return (
+            f"master-users = false in {self.configPath}, but master-user-separator is set, which turns master "
+            "logins on by itself: master users log in all the same; remove master-user-separator to turn "
+            "them off"
+        )
 
     def overriddenWarning(self):
         """
@@ -492,6 +520,9 @@ def _makeTwistdService(options):
         warning = options.overriddenWarning()
         if warning:
             service.startupWarnings.append(("config.overridden", warning))
+        warning = options.masterUsersWarning()
+        if warning:
+            service.startupWarnings.append(("config.master_users_on", warning))
     service.exitOnStartupError = True
     service.ownsStopSignals = True
     # twistd's reactor is mailgate's own: skip the legacy log context per

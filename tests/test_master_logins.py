@@ -278,3 +278,44 @@ def test_theOptionsInTheConfigurationFile(tmp_path):
     path.write_text('master-user-separator = "a"\n')
     with pytest.raises(ConfigurationRefused, match="key 'master-user-separator': must be one of"):
         parse("--config", str(path))
+
+
+def test_masterUsersFalseBesideASeparatorIsWarnedOf(tmp_path, logEvents):
+    """
+    A separator turns master logins on by itself: C{master-users = false}
+    beside one (an administrator turning master logins off who left the
+    separator's line) left them on, and the reload that wrote it said
+    "master-users takes effect at the next restart".  The start and each
+    reload warn that master users log in all the same
+    (C{config.master_users_on}); the separator alone, C{true} beside it,
+    or C{false} alone say nothing.
+    """
+    from twisted.logger import formatEvent
+
+    from mailgate.service import makeService, masterLogins
+    from mailgate.tap import Options
+
+    path = tmp_path / "mailgate.toml"
+    path.write_text('master-users = true\nmaster-user-separator = "*"\n')
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    assert options.masterUsersWarning() is None
+    root = makeService(options.toConfig(), reactor=Clock(), store=memoryStore())
+    root.configSource = options.reread
+    path.write_text('master-users = false\nmaster-user-separator = "*"\n')
+    warning = (
+        f"master-users = false in {path}, but master-user-separator is set, which turns master logins on "
+        "by itself: master users log in all the same; remove master-user-separator to turn them off"
+    )
+    assert options.masterUsersWarning() == warning
+    root.hangup()
+    assert [formatEvent(e) for e in logEvents if e.get("event") == "config.master_users_on"] == [warning]
+    # As the start sees it: on, whatever false said.
+    assert masterLogins(options.reread())
+    for text in ('master-user-separator = "*"\n', "master-users = false\n"):
+        path.write_text(text)
+        assert options.masterUsersWarning() is None
+    # The separator on the command line, false in the file: the same.
+    options = Options()
+    options.parseOptions(["--config", str(path), "--master-user-separator", "%"])
+    assert options.masterUsersWarning() == warning
