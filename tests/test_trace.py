@@ -473,6 +473,48 @@ def test_anSMTPSessionIsTracedFromARecipientThatIsAnAliasOfTheUser(store, alice,
     neverShown(logEvents, "secret body", "private")
 
 
+def test_aClientBehindAProxyOrAnMTAIsTracedFromTheCommandThatNamesIt(store, alice, logEvents):
+    """
+    --debug-peer names the client's network; behind Dovecot's POP3 proxy
+    (XCLIENT) or an MTA that says whom it relays (XFORWARD), from an
+    address on --xclient-network, the client is known from that command
+    on, and the session is traced from it.  POP3's XCLIENT and XFORWARD
+    were not traced at all (SMTP's XCLIENT was).  Another client is not.
+    """
+    proxy = IPv4Address("TCP", "127.0.0.1", 5000)
+    clock = Clock()
+    factory = pop3Factory(store, clock, hostname="mailgate.test", apop=False, xclientNetworks=["127.0.0.1/32"])
+    factory.trace = TraceSelection(["192.0.2.7/32"])
+    other = POP3Session(store, clock=clock, factory=factory, peer=proxy)
+    assert other.command("XCLIENT ADDR=198.51.100.1 PORT=1").startswith("+OK")
+    assert traced(logEvents) == []
+    s = POP3Session(store, clock=clock, factory=factory, peer=proxy)
+    assert s.command("XCLIENT ADDR=192.0.2.7 PORT=4711").startswith("+OK")
+    s.command(f"USER {ALICE}")
+    assert traced(logEvents) == [
+        "started: the client XCLIENT named is on --debug-peer",
+        "S: +OK the client's address is taken",
+        f"C: USER {ALICE}",
+        "S: +OK send PASS",
+    ]
+
+    del logEvents[:]
+    smtp = smtpFactory(store, clock, lmtp=True, hostname="mailgate.test", xclientNetworks=["127.0.0.1/32"])
+    smtp.trace = TraceSelection(["192.0.2.7/32"])
+    mta = SMTPSession(store, lmtp=True, clock=clock, factory=smtp, peer=proxy)
+    mta.command("LHLO mta.test")
+    assert mta.command("XFORWARD ADDR=198.51.100.1") == "250 2.0.0 OK\r\n"
+    assert traced(logEvents) == []
+    assert mta.command("XFORWARD ADDR=192.0.2.7 HELO=client.example.net") == "250 2.0.0 OK\r\n"
+    mta.command("MAIL FROM:<sender@remote.test>")
+    assert traced(logEvents) == [
+        "started: the client XFORWARD named is on --debug-peer",
+        "S: 250 2.0.0 OK",
+        "C: MAIL FROM:<sender@remote.test>",
+        "S: 250 2.1.0 sender <sender@remote.test> OK",
+    ]
+
+
 def test_aTraceLineIsCutAndShowsNothingUnprintable():
     assert replyLine(b"+OK \x1b[31mred\r\nmore\r\n") == "+OK ?[31mred ..."
     assert replyLine(b".\r\n") is None

@@ -303,6 +303,11 @@ class AuthorizationCommands:
             proxy=proxy,
             proxySession=shownSession,
         )
+        trace = self.factory.trace
+        if trace and not self.traced and trace.peer(self.peer):
+            # Behind Dovecot's proxy, the client is known from here on (as
+            # SMTP's XCLIENT starts one).
+            startTrace(self, "the client XCLIENT named is on --debug-peer")
         self._ok("the client's address is taken")
 
     # -- STLS ----------------------------------------------------------------

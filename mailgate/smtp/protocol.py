@@ -964,6 +964,15 @@ class SMTPServer(CommandSession):
             return self._bad(501, "5.5.4", str(e))
         self._relayCommandEnded("XFORWARD", "accepted")
         self._forwarded = updated(self._forwarded, attributes)
+        trace = self.factory.trace
+        address = self._forwarded.address
+        if (
+            trace and not self.traced and address is not None
+            and trace.peer((IPv4Address if address.version == 4 else IPv6Address)("TCP", str(address), 0))
+        ):
+            # What the MTA relays for a client on --debug-peer, from the
+            # XFORWARD that names it (the MTA's own connection is not).
+            startTrace(self, "the client XFORWARD named is on --debug-peer")
         self._reply(250, "2.0.0", "OK")
         return None
 
