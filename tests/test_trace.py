@@ -336,6 +336,28 @@ def test_aMasterUsersLoginToADebugUserIsTracedFromItsUSER(store, alice, logEvent
     neverShown(logEvents, "not-the-masters-password")
 
 
+def test_aDebugUsersSASLLoginIsTracedFromTheExchangeThatNamesIt(store, alice, logEvents):
+    """
+    A client that logs in by SASL (AUTH PLAIN, as Thunderbird does where it
+    is offered) names the user in the exchange: its session is traced from
+    the answer to it, as from USER, so that a login that fails shows too.
+    It was traced only once logged in: a failing one not at all.  Neither
+    the response nor the password is shown; another user is not traced.
+    """
+    s = pop3(store, users=[ALICE])
+    wrong = base64.b64encode(f"\0{BOB}\0not-bobs".encode()).decode()
+    assert s.command(f"AUTH PLAIN {wrong}").startswith("-ERR [AUTH] ")
+    assert traced(logEvents) == []
+    wrong = base64.b64encode(f"\0{ALICE}\0not-alices-password".encode()).decode()
+    assert s.command(f"AUTH PLAIN {wrong}").startswith("-ERR [AUTH] ")
+    s.command("CAPA")
+    lines = traced(logEvents)
+    assert lines[0] == f"started: AUTH PLAIN as {ALICE}, on --debug-user"
+    assert lines[1].startswith("S: -ERR [AUTH] ")
+    assert lines[2:4] == ["C: CAPA", "S: +OK capability list follows ..."]
+    neverShown(logEvents, "not-alices-password", wrong)
+
+
 def test_aDebugUserLoggingInWithoutUSERIsTracedFromItsLogin(store, alice, logEvents):
     s = pop3(store, users=[ALICE])
     digest = hashlib.md5(f"{s.challenge}{PASSWORD}".encode()).hexdigest()

@@ -167,7 +167,7 @@ class AuthorizationCommands:
             return shownInTrace(text)
         return CommandSession.tracedCommand(self, line)
 
-    def _traceIfListed(self, name, loggedIn):
+    def _traceIfListed(self, name, loggedIn, how=None):
         trace = self.factory.trace
         if not trace or self.traced:
             return
@@ -176,7 +176,8 @@ class AuthorizationCommands:
         # not only once it succeeded, so that a failing one shows too.
         masterLogin = None if loggedIn else self._masterLoginTarget(name)
         if trace.user(name) or (masterLogin is not None and trace.user(masterLogin)):
-            how = f"logged in as {name}" if loggedIn else f"USER {shownInTrace(name)}"
+            if how is None:
+                how = f"logged in as {name}" if loggedIn else f"USER {shownInTrace(name)}"
             startTrace(self, f"{how}, on --debug-user")
 
     def _masterLoginTarget(self, name):
@@ -462,6 +463,9 @@ class AuthorizationCommands:
                 return None
             name = getattr(result.credentials, "username", b"")
             name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+            # The exchange named the user (a master user's login to the
+            # user's maildrop too): traced from its answer, as USER is.
+            self._traceIfListed(name, loggedIn=False, how=f"AUTH {mechanism.name} as {shownInTrace(name)}")
             return self._login(result.credentials, name, mechanism.name.lower())
 
         def failed(failure):
@@ -471,6 +475,8 @@ class AuthorizationCommands:
             # A mechanism that looks its user up during the exchange
             # (SCRAM) knows whose login failed: the log names them.
             login = getattr(mechanism, "loginName", None) or "(sasl)"
+            if login != "(sasl)":
+                self._traceIfListed(login, loggedIn=False, how=f"AUTH {mechanism.name} as {shownInTrace(login)}")
             return self._loginFailed(failure, login, mechanism.name.lower())
 
         return d.addCallbacks(next, failed)
