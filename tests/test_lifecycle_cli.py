@@ -226,6 +226,26 @@ def test_mailboxDeletedAndRestore(cli, store):
     assert cli("mailbox", "deleted", ALICE).out.count("\n") == 1
 
 
+def test_mailboxRestoreTakesItsOptionsAmongTheUniqueIds(cli, store):
+    """
+    C{mailbox restore ADDRESS --as-new UIDL}, the option between the
+    operands, restores that message: argparse refused the unique ids
+    after the option as "unrecognized arguments" (exit 64), where the
+    same words with the option last worked.  A missing ADDRESS is named
+    alone.
+    """
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    ids = keptDeleted(store, ALICE, "wonderland", 1, 2, 3)
+    result = cli("mailbox", "restore", ALICE, "--as-new", ids[0], "--since", "1h", ids[2])
+    assert result.code == 0, result
+    assert result.out.endswith(f"2 messages restored to {ALICE}\n")
+    assert [line.split()[1] for line in result.out.splitlines()[:2]] == [ids[0], ids[2]]
+    result = cli("mailbox", "restore")
+    assert result.code == 64
+    assert result.err.endswith("error: the following arguments are required: ADDRESS\n")
+
+
 def test_mailboxRestoreSince(cli, store):
     for n in range(2):
         deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)

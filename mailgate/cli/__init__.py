@@ -142,8 +142,57 @@ class _OneConfig(argparse.Action):
         setattr(namespace, self.dest, value if first is None else first)
 
 
+class _Parser(argparse.ArgumentParser):
+    """
+    A parser whose commands take their options among their operands, as
+    GNU's commands do: C{mailgate mailbox restore ADDRESS --as-new UIDL}.
+    argparse's own parse fills a list of operands only up to the first
+    option, and the operands after it were refused as "unrecognized
+    arguments" (exit 64), though the same words in another order worked.
+    The parser of a group of commands (its subcommands), and one whose
+    operands exclude an option (C{mailbox export}'s C{ADDRESS DIR |
+    --all DIR}), parse as argparse does.  Every subcommand's parser is
+    one of these (argparse makes them of the class of their parent's).
+    """
+
+    _intermixing = False
+
+    def add_argument(self, *args, **kwargs):
+        # A list of operands that may be empty (nargs="*") is a required
+        # argument in argparse's eyes unless it has a default: parsed
+        # intermixed, a command missing its ADDRESS was told "the
+        # following arguments are required: ADDRESS, UIDL".
+        if args and not args[0].startswith(self.prefix_chars) and kwargs.get("nargs") == "*":
+            kwargs.setdefault("default", [])
+        return super().add_argument(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._intermixing or not self._mayIntermix():
+            return super().parse_known_args(args, namespace)
+        # argparse's intermixed parse calls this method twice (options,
+        # then operands): those calls parse as argparse does.
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+    def _mayIntermix(self):
+        """
+        Whether argparse's intermixed parse takes this parser's operands
+        (it refuses subcommands, a remainder and operands in a mutually
+        exclusive group).
+        """
+        positionals = self._get_positional_actions()
+        if any(action.nargs in (argparse.PARSER, argparse.REMAINDER) for action in positionals):
+            return False
+        return not any(
+            action in positionals for group in self._mutually_exclusive_groups for action in group._group_actions
+        )
+
+
 def buildParser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mailgate",
         description="Administer a mailgate database: users, maildrops, local delivery.",
     )
