@@ -870,6 +870,62 @@ def missingSocketDirectories(config, names=None):
     return missing
 
 
+#: What every user of the machine may do with a Unix socket of these
+#: listeners that they may reach (L{openSockets}).
+_SOCKET_RISKS = {
+    "lmtp": "hand mail to any user under any sender, past the MTA's checks",
+    "quota-status": "learn which addresses exist and how full their mailboxes are",
+}
+
+
+def openSockets(config, modeOf=lambda path: os.stat(path).st_mode):
+    """
+    The Unix-socket listeners of C{config} for an MTA (C{lmtp},
+    C{quota-status}) that every user of the machine may use, each as a
+    warning: the socket's mode lets others connect (C{mode=666}, as
+    README has it, and Twisted's default) and every directory above it
+    lets others enter.  README has the socket made in a directory only
+    the MTA may enter (C{install -d -o mailgate -g postfix -m 750}); one
+    made in a directory any user may enter (/tmp, /run, the queue
+    directory itself) is open to all of them.  Warned of, not refused, as
+    a key file others may read is; a directory missing is
+    L{missingSocketDirectories}'.
+
+    @param modeOf: the mode of a path (L{os.stat}'s; tests give theirs).
+    """
+    warnings = []
+    for name, risk in _SOCKET_RISKS.items():
+        values = getattr(config, setting(name).attribute)
+        for description in [values] if isinstance(values, str) else values or ():
+            try:
+                endpoint = serverFromString(None, description)
+            except Exception:
+                continue
+            address = _listeningAddress(endpoint)
+            mode = getattr(endpoint, "_mode", None)
+            if address is None or address[0] != "unix" or not isinstance(mode, int) or not mode & 0o002:
+                continue
+            directory, reachable = os.path.dirname(address[1]), True
+            while True:
+                try:
+                    if not modeOf(directory) & 0o001:
+                        reachable = False
+                        break
+                except OSError:
+                    reachable = False
+                    break
+                if directory == os.path.dirname(directory):
+                    break
+                directory = os.path.dirname(directory)
+            if reachable:
+                warnings.append(
+                    f"the {name} socket {address[1]} may be used by every user of this machine (mode "
+                    f"{mode:04o}, in directories anyone may enter): any of them may {risk}; make it in a "
+                    "directory only the MTA may enter (README: install -d -o mailgate -g postfix -m 750)"
+                )
+    return warnings
+
+
 # -- the APOP policy ---------------------------------------------------------
 
 

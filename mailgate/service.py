@@ -30,7 +30,7 @@ from mailgate.auth.oauth import TokenValidator
 from mailgate.auth.realm import makePortal
 from mailgate.auth.sasl import SASLServer
 from mailgate.config import MailgateConfig, checkConfig, checkEndpoint  # noqa: F401 (MailgateConfig re-exported)
-from mailgate.config import networksOf, splitCertificatePair
+from mailgate.config import networksOf, openSockets, splitCertificatePair
 from mailgate.errors import ConfigurationError, ShuttingDown, WritesFailing
 from mailgate.hostname import machineName
 from mailgate.interfaces import ILifecycleStore
@@ -1540,6 +1540,8 @@ def _assemble(config, reactor, store, metrics, policyStore, tls, affinity, liste
     warning = postmasterWarning(config)
     if warning:
         root.startupWarnings.append(("smtp.no_postmaster", warning))
+    for warning in openSockets(config):
+        root.startupWarnings.append(("listener.socket_open", warning))
     warning = traceWarning(config)
     if warning:
         root.startupWarnings.append(("trace.enabled", warning))

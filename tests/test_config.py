@@ -1226,3 +1226,68 @@ def test_numbersAreWrittenInASCIIDigits(argv, message):
     assert parse("--max-recipients", " 0100 ").config.maxRecipients == 100
     assert parse("--auth-failure-delay", "2.5").config.authFailureDelay == 2.5
     assert parse("--auth-failure-delay", "1e1").config.authFailureDelay == 10.0
+
+
+def test_anMTASocketEveryUserMayReachIsWarnedOf(tmp_path):
+    """
+    An LMTP or quota-status Unix socket that every user of the machine
+    may use (its mode lets others connect, as README's mode=666 and
+    Twisted's default do, and every directory above it lets others in)
+    is warned of at the start (C{listener.socket_open}): any local user
+    could hand mail to any user under any sender past Postfix's checks,
+    or learn which addresses exist.  README has it in a directory only
+    Postfix may enter (mode 750): then nothing is said, nor for a socket
+    of mode 660, nor for a POP3 socket.
+    """
+    from mailgate.config import openSockets
+
+    def modes(closed=()):
+        # Every directory enterable by all (0755), but those in closed (0750).
+        return lambda path: 0o40750 if path in closed else 0o40755
+
+    spool = str(tmp_path / "spool" / "mailgate")
+    config = MailgateConfig(
+        lmtp=[f"unix:{spool}/lmtp:mode=666", "tcp:2424:interface=127.0.0.1"],
+        quotaStatus=[f"unix:{spool}/quota-status"],
+        pop3=[f"unix:{spool}/pop3"],
+    )
+    assert openSockets(config, modes()) == [
+        f"the lmtp socket {spool}/lmtp may be used by every user of this machine (mode 0666, in directories "
+        "anyone may enter): any of them may hand mail to any user under any sender, past the MTA's checks; "
+        "make it in a directory only the MTA may enter (README: install -d -o mailgate -g postfix -m 750)",
+        f"the quota-status socket {spool}/quota-status may be used by every user of this machine (mode 0666, "
+        "in directories anyone may enter): any of them may learn which addresses exist and how full their "
+        "mailboxes are; make it in a directory only the MTA may enter (README: install -d -o mailgate -g "
+        "postfix -m 750)",
+    ]
+    assert openSockets(config, modes(closed={spool})) == []
+    assert openSockets(config, modes(closed={"/"})) == []
+    assert openSockets(MailgateConfig(lmtp=[f"unix:{spool}/lmtp:mode=660"]), modes()) == []
+
+
+def test_theStartWarnsOfAnOpenMTASocket(tmp_path, monkeypatch):
+    """
+    The warning is among the start's (its directories taken for ones
+    every user may enter: pytest's are its own user's).
+    """
+    import functools
+
+    from mailgate import service as serviceModule
+    from mailgate.config import openSockets
+    from mailgate.service import makeService
+
+    from iterated import IteratedReactor
+
+    monkeypatch.setattr(serviceModule, "openSockets", functools.partial(openSockets, modeOf=lambda path: 0o40755))
+    reactor = IteratedReactor()
+    try:
+        service = makeService(
+            MailgateConfig(database=f"sqlite:///{tmp_path}/mail.sqlite3", pop3=[],
+                           lmtp=[f"unix:{tmp_path}/lmtp:mode=666"]),
+            reactor=reactor,
+        )
+        service.store.engine.releaseServer()
+    finally:
+        reactor.close()
+    [warning] = [text for event, text in service.startupWarnings if event == "listener.socket_open"]
+    assert warning.startswith(f"the lmtp socket {tmp_path}/lmtp may be used by every user of this machine")
