@@ -120,7 +120,16 @@ def test_aUserWhoseLocalPartHoldsTheSeparatorLogsInAsThemselvesWithoutIt(store):
     assert own.login("a*b@example.org", "ab-pw").startswith("+OK")
     own.command("QUIT")
     # With the separator, the name is cut at the last one: a master login.
-    assert _session(store).login("a*b@example.org*admin", "admin-pw").startswith("+OK a*b@example.org has 0")
+    master = _session(store)
+    assert master.login("a*b@example.org*admin", "admin-pw").startswith("+OK a*b@example.org has 0")
+    master.command("QUIT")
+    # The user's own login with the separator set: the * inside the local
+    # part cuts nothing (it was taken for the master user b@example.org,
+    # and the user's right password refused).
+    own = _session(store)
+    assert own.login("a*b@example.org", "ab-pw").startswith("+OK a*b@example.org has 0")
+    own.command("QUIT")
+    assert _session(store).login("a*b@example.org", "admin-pw").startswith("-ERR [AUTH]")
 
 
 def _sessions(store):

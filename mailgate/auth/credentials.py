@@ -144,6 +144,22 @@ class MasterCredentials(UsernamePassword):
             self.master = None
 
 
+def splitMasterLogin(name, separator):
+    """
+    C{(user, master)} of a login name C{USER*MASTER} (L{bytes} or L{str},
+    C{separator} one character), or C{None} where it names no master user
+    (see L{passwordCredentials}, which says where it is cut).
+    """
+    if isinstance(name, bytes):
+        separator, at = separator.encode("ascii"), b"@"
+    else:
+        at = "@"
+    user, cut, master = name.rpartition(separator)
+    if cut and user and master and not (at in master and at not in user):
+        return user, master
+    return None
+
+
 def passwordCredentials(name, password, separator=None):
     """
     The credentials of a login by name and password (USER/PASS, SASL
@@ -152,12 +168,17 @@ def passwordCredentials(name, password, separator=None):
     C{auth_master_user_separator}), C{USER*MASTER}'s master user's.  The
     name is cut at the last separator: a master user's name never holds
     one (L{mailgate.address.MASTER_SEPARATORS}), a user's local part may.
+    Not where the separator is inside an address's local part, the part
+    after it holding the C{@} and the part before none (C{a*b@example.org}
+    is that user's own login, where a master user C{b@example.org} was
+    asked for, and the user's right password refused): a master user
+    whose name holds an C{@} is named after a user's full address
+    (C{alice@example.org*ops@example.net}), not a bare name.
 
     @param name: the name as the client sent it, as L{bytes}.
     @param separator: one character, or C{None}.
     """
-    if separator:
-        user, cut, master = name.rpartition(separator.encode("ascii"))
-        if cut and user and master:
-            return MasterCredentials(user, master, password)
+    parts = splitMasterLogin(name, separator) if separator else None
+    if parts is not None:
+        return MasterCredentials(*parts, password)
     return UsernamePassword(name, password)

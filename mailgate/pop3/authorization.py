@@ -25,7 +25,9 @@ from twisted.python.failure import Failure
 
 from mailgate.address import loginAddress
 from mailgate.auth.checkers import LoginAbandoned, abandonWhen
-from mailgate.auth.credentials import APOPCredentials, IMasterCredentials, SecretDigest, passwordCredentials
+from mailgate.auth.credentials import (
+    APOPCredentials, IMasterCredentials, SecretDigest, passwordCredentials, splitMasterLogin,
+)
 from mailgate.auth.oauth import IBearerTokenCredentials, OAuthBearerMechanism, XOAuth2Mechanism
 from mailgate.auth.sasl import Challenge, SASLError
 from mailgate.errors import InvalidAddress, LoginDelayed, MaildropInUse, NetworkRefused, TemporaryFailure, UserDisabled
@@ -186,10 +188,8 @@ class AuthorizationCommands:
         (C{USER*MASTER}, cut as L{passwordCredentials} cuts it), or C{None}.
         """
         separator = self.factory.masterUserSeparator
-        if not separator:
-            return None
-        user, cut, master = name.rpartition(separator)
-        return user if cut and user and master else None
+        parts = splitMasterLogin(name, separator) if separator else None
+        return None if parts is None else parts[0]
 
     # -- USER/PASS and APOP --------------------------------------------------
 
