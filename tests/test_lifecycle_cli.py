@@ -246,6 +246,41 @@ def test_mailboxRestoreTakesItsOptionsAmongTheUniqueIds(cli, store):
     assert result.err.endswith("error: the following arguments are required: ADDRESS\n")
 
 
+def test_mailboxRestoreInterruptedWhileListingSaysAllWereRestored(cli, store, monkeypatch):
+    """
+    Ctrl-C once the messages are back, while their lines go out (thousands
+    of them to a slow terminal): the command said only "interrupted"
+    (exit 130) after a part of the list, and its audit line no outcome,
+    though every message was restored, and running it again restored
+    nothing.  It says how many came back, and the audit line has them.
+    """
+    import io
+
+    from mailgate.cli import audit, run
+
+    for n in range(3):
+        deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)
+    keptDeleted(store, ALICE, "wonderland", 1, 2, 3)
+    outcomes = []
+    monkeypatch.setattr(audit, "outcome", lambda args, text: outcomes.append(text))
+
+    class SlowTerminal(io.StringIO):
+        def write(self, text):
+            if self.getvalue().count("\n") == 1:
+                raise KeyboardInterrupt()
+            return super().write(text)
+
+    out, err = SlowTerminal(), io.StringIO()
+    code = run(["--database", cli.url, "mailbox", "restore", ALICE], stdout=out, stderr=err, environ={})
+    assert code == 130
+    assert out.getvalue().count("\n") == 1
+    assert err.getvalue() == (
+        f"mailgate: interrupted while listing them: 3 messages restored to {ALICE}\nmailgate: interrupted\n"
+    )
+    assert outcomes == ["3 messages restored"]
+    assert len(resultOf(store.listMessages(ALICE))) == 3
+
+
 def test_mailboxRestoreSince(cli, store):
     for n in range(2):
         deliver(store, [ALICE], b"Subject: %d\r\n\r\nhello\r\n" % n)

@@ -205,17 +205,28 @@ def _mailboxRestore(store, args, out, stdin):
                 )
             raise
     missing = unstorable + missing
-    for old, new in restored:
-        out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
-    out.write(f"{counted(len(restored), 'message')} restored to {address}\n")
     warned = [new.crossing for _, new in restored if getattr(new, "crossing", None) is not None]
-    for crossing in warned:
-        out.write(f"warned {address}: {_warning(crossing)}; a message saying so follows the restored ones\n")
+    # Recorded before the listing: they are back whatever becomes of it.
     audit.outcome(
         args,
         f"{counted(len(restored), 'message')} restored{' under new unique ids' if args.as_new else ''}"
         + "".join(f"; warned: {_warning(crossing)}" for crossing in warned),
     )
+    try:
+        for old, new in restored:
+            out.write(f"restored {old}" + (f" as {new}\n" if new != old else "\n"))
+    except KeyboardInterrupt:
+        # Ctrl-C while thousands of lines went to a slow terminal: every
+        # one of them was restored already, which the listing cut short
+        # never said (and "run the command again" restores nothing).
+        args.stderr.write(
+            f"mailgate: interrupted while listing them: {counted(len(restored), 'message')} restored to "
+            f"{address}\n"
+        )
+        raise
+    out.write(f"{counted(len(restored), 'message')} restored to {address}\n")
+    for crossing in warned:
+        out.write(f"warned {address}: {_warning(crossing)}; a message saying so follows the restored ones\n")
     if restored:
         _warnIfFull(args, address, _result(store.quotaOf(address)))
     if missing:
