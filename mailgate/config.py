@@ -926,6 +926,32 @@ def openSockets(config, modeOf=lambda path: os.stat(path).st_mode):
     return warnings
 
 
+def masterUsersOnWarning(path, given=None, settings=None):
+    """
+    What to warn of, if anything, in C{master-users = false} in the
+    configuration file at C{path} beside a C{master-user-separator} (the
+    file's or the command line's, C{given} by long option name): the
+    separator turns master logins on by itself, so they stay on, where an
+    administrator who wrote false meant them off.  Warned of, not
+    refused: the example file uncommented as a whole says both.
+    """
+    given = given or {}
+    if not path or "master-users" in given:
+        return None
+    try:
+        values = readFile(path, SETTINGS if settings is None else settings)
+    except ConfigurationError:
+        return None
+    separator = given.get("master-user-separator", values.get("master-user-separator"))
+    if values.get("master-users") is not False or separator is None:
+        return None
+    return (
+        f"master-users = false in {path}, but master-user-separator is set, which turns master "
+        "logins on by itself: master users log in all the same; remove master-user-separator to turn "
+        "them off"
+    )
+
+
 # -- the APOP policy ---------------------------------------------------------
 
 

@@ -271,28 +271,10 @@ class Options(usage.Options):
 
     def masterUsersWarning(self):
         """
-        What to warn of, if anything, in C{master-users = false} in the
-        C{--config} file beside a C{master-user-separator} (the file's or
-        the command line's): the separator turns master logins on by
-        itself, so they stay on, where an administrator who wrote false
-        meant them off (and the reload that wrote it said it takes effect
-        at the next restart).  Warned of, not refused: the example file
-        uncommented as a whole says both.
+        L{configuration.masterUsersOnWarning} of the C{--config} file under
+        this command line.
         """
-        if not self.configPath or "master-users" in self.given:
-            return None
-        try:
-            values = configuration.readFile(self.configPath, self.settings)
-        except ConfigurationError:
-            return None
-        separator = self.given.get("master-user-separator", values.get("master-user-separator"))
-        if values.get("master-users") is not False or separator is None:
-            return None
-        return (
-            f"master-users = false in {self.configPath}, but master-user-separator is set, which turns master "
-            "logins on by itself: master users log in all the same; remove master-user-separator to turn "
-            "them off"
-        )
+        return configuration.masterUsersOnWarning(self.configPath, self.given, self.settings)
 
     def overriddenWarning(self):
         """

@@ -1892,6 +1892,40 @@ def test_configShowsWhatTheServerWouldServe(tmp_path):
     assert "not allowed with argument" in both.err, both
 
 
+def test_configCheckWarnsAsTheStartWarns(tmp_path, monkeypatch):
+    """
+    C{config --check} writes what a start warns of: an oauth2-keys file
+    others may replace, master-users = false beside a separator, an LMTP
+    socket every user may reach (its directories taken for ones anyone
+    may enter: pytest's are its own user's), each on standard error,
+    'configuration OK' all the same.
+    """
+    import functools
+
+    from mailgate import config as configuration
+    from oauthtokens import AUDIENCE, ISSUER, Keys
+
+    jwks, _ = Keys().write(tmp_path)
+    jwks.chmod(0o666)
+    monkeypatch.setattr(
+        configuration, "openSockets", functools.partial(configuration.openSockets, modeOf=lambda path: 0o40755)
+    )
+    path = tmp_path / "mailgate.toml"
+    path.write_text(
+        f'oauth2-keys = ["{jwks}"]\noauth2-issuer = ["{ISSUER}"]\noauth2-audience = ["{AUDIENCE}"]\n'
+        f'master-users = false\nmaster-user-separator = "*"\nlmtp = ["unix:{tmp_path}/lmtp"]\n'
+    )
+    path.chmod(0o600)
+    out, err = io.StringIO(), io.StringIO()
+    assert run(["--config", str(path), "config", "--check"], stdout=out, stderr=err, environ={}) == 0, err.getvalue()
+    assert out.getvalue() == f"mailgate: {path}: configuration OK\n"
+    warnings = err.getvalue().splitlines()
+    assert [line.split(":", 2)[1].strip() for line in warnings] == ["warning"] * 3, warnings
+    assert f"master-users = false in {path}, but master-user-separator is set" in warnings[0]
+    assert f"the OAuth 2.0 key file {jwks} may be replaced by others than its owner (mode 0666)" in warnings[1]
+    assert f"the lmtp socket {tmp_path}/lmtp may be used by every user of this machine" in warnings[2]
+
+
 def test_configCheckRefusesWhatTheServerWouldRefuse(tmp_path, pair):
     """
     C{mailgate --config FILE config --check} (as C{nginx -t}; the systemd

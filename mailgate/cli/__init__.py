@@ -305,6 +305,11 @@ def _checkServed(served, args, out):
     warnings = [] if tls is None else [*tls.expiryWarnings(), *tls.keyWarnings, *tls.chainWarnings]
     if args.config is not None:
         warnings.append(tap.configFileWarning(args.config))
+        warnings.append(config.masterUsersOnWarning(args.config))
+    tokens = service.makeTokenValidator(served)
+    if tokens is not None:
+        warnings += tokens.keyWarnings
+    warnings += config.openSockets(served)
     # Warned of, not refused: the server may be stopped, and the unit's
     # RuntimeDirectory= with it, which systemd makes again at its start.
     warnings += [
