@@ -988,6 +988,24 @@ def test_aRepeatFromAnotherAddressCounts():
     assert len(store.failures) == 2
 
 
+def test_theSameTokenWithoutANameAgainIsNotCountedAgain():
+    """
+    An OAUTHBEARER client that names no authorisation identity (C{n,,}:
+    the login is no name) and sends the same expired token at every poll
+    is counted once, as one sending the same old password under a name
+    is (README, OAuth 2.0 bearer tokens); it was counted each time, and
+    its address banned at the third here.  Other tokens are guesses.
+    """
+    policy, store, _ = makePolicy(banAfter=3)
+    for _ in range(4):
+        policy.authenticationFailed(ATTACKER, "", b"eyJ.expired.token")
+    assert not policy.isBanned(ATTACKER)
+    assert len(store.failures) == 1
+    policy.authenticationFailed(ATTACKER, "", b"eyJ.another.token")
+    policy.authenticationFailed(ATTACKER, None, b"eyJ.a.third")
+    assert policy.isBanned(ATTACKER)
+
+
 def test_onlyTheLastFewFailuresOfAnAddressAreRemembered():
     from mailgate.policy.repeats import REMEMBERED, RepeatedCredentials
 

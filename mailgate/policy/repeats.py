@@ -57,13 +57,17 @@ class RepeatedCredentials:
         Whether this failure from C{address} repeats one of its last
         L{REMEMBERED}; remembered if not.
 
-        @param login: the login name, in the policy's counted form.
+        @param login: the login name, in the policy's counted form, or
+            C{None} for none: an OAUTHBEARER token sent without an
+            authorisation identity (C{n,,}, as most clients send it) names
+            no one but itself, and the same expired token at every poll
+            was counted each time, banning its address at the tenth.
         @param password: the password tried (C{bytes} or C{str}), or
             C{None} when the mechanism does not reveal it: never a repeat.
         """
-        if password is None or login is None:
+        if password is None:
             return False
-        digest = self._digest(login, password)
+        digest = self._digest(login or "", password)
         recent = self._byAddress.get(address)
         if recent is None:
             recent = self._byAddress[address] = deque(maxlen=REMEMBERED)
