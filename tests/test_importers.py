@@ -183,6 +183,54 @@ def test_anEmptyDeletedFlagIsRefused(tmp_path):
     assert not (tmp_path / "mail.sqlite3").exists()
 
 
+def test_aDeletedFlagTheFileNamesCannotCarry(tmp_path):
+    """
+    A maildir file name carries 26 keywords at most (a to z): Dovecot
+    keeps any further keyword, its pop3_deleted_flag among them, in its
+    index alone (seen with Debian's Dovecot 2.3: the 27th keyword of a
+    mailbox, which Dovecot's POP3 then hid, was in neither the names nor
+    dovecot-keywords).  Such an import is refused, naming the way that
+    works; one whose keyword dovecot-keywords does not list (misspelt, or
+    without its $) says that no message was left out.  Before, both
+    imported every message without a word, bringing back to the
+    leave-on-server clients what they had deleted.
+    """
+    from e2e import mailgateHere
+
+    url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
+    assert mailgateHere(url, "user", "add", ALICE, "--password-stdin", stdin="x\n")[0] == 0
+    tags = "".join(f"{n} tag{n}\n" for n in range(26))
+    directory = writeMaildir(tmp_path / "full", [
+        ("cur", "1700000000.M1P1.host:2,Sabcdefghijklmnopqrstuvwxyz", b"Subject: tagged\n\n"),
+        ("cur", "1700000001.M1P1.host:2,S", b"Subject: deleted by POP3, in the index only\n\n"),
+    ], uidList=b"3 V1 N3\n1 :1700000000.M1P1.host\n2 :1700000001.M1P1.host\n")
+    (tmp_path / "full" / "dovecot-keywords").write_text(tags)
+    code, out, err = mailgateHere(url, "import", "maildir", directory, ALICE, "--deleted-flag", "$POP3Deleted")
+    assert (code, out) == (66, "")
+    assert err == (
+        f"mailgate: {directory}/dovecot-keywords lists 26 keywords, the most a maildir file name can carry, and "
+        f"not $POP3Deleted (--deleted-flag): Dovecot keeps any further keyword in its index only, which mailgate "
+        f"does not read, so the messages POP3 clients deleted cannot be told from the others; move this maildrop "
+        f"with import pop3, through Dovecot's POP3, which leaves them out\n"
+    )
+    # The keyword among the 26 (z, which the first message has): left
+    # out as before.
+    (tmp_path / "full" / "dovecot-keywords").write_text(tags.replace("25 tag25", "25 $POP3Deleted"))
+    code, out, err = mailgateHere(url, "import", "maildir", directory, ALICE, "--deleted-flag", "$POP3Deleted")
+    assert (code, out) == (0, "1 message imported (47 octets), 0 skipped as already present\n"), err
+
+    directory = writeMaildir(tmp_path / "listed", [
+        ("cur", "1700000002.M1P1.host:2,Sa", b"Subject: deleted by POP3\n\n"),
+    ])
+    (tmp_path / "listed" / "dovecot-keywords").write_text("0 $POP3Deleted\n")
+    code, out, err = mailgateHere(url, "import", "maildir", directory, ALICE, "--deleted-flag", "POP3Deleted")
+    assert code == 0 and out.startswith("1 message imported"), (out, err)
+    assert err.endswith(
+        f"mailgate: no message has the keyword POP3Deleted (--deleted-flag), which {directory}/dovecot-keywords "
+        f"does not list (it lists $POP3Deleted): none left out as deleted by POP3 clients\n"
+    )
+
+
 def test_importedMessagesSayWhereTheirDotLinesBegin(tmp_path):
     """
     A maildir file is measured for POP3's dot-stuffing as it is read, in

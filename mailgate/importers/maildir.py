@@ -682,12 +682,33 @@ def _withoutKeyword(messages, keyword, keywordsPath, progress):
     carries keywords as the letters C{a} to C{z} among its flags (after
     its last C{:2,}), each standing for the keyword C{dovecot-keywords}
     numbers 0 to 25; keywords are compared without case, as Dovecot
-    does.  Said how many were left out.
+    does.  Said how many were left out, and, where C{dovecot-keywords}
+    does not list C{keyword}, that none was (a keyword misspelt, or given
+    without its C{$}, would bring back every message POP3 clients
+    deleted without a word).
 
-    @raise ImportFailed: if C{dovecot-keywords} cannot be read.
+    @raise ImportFailed: if C{dovecot-keywords} cannot be read, or lists
+        the 26 keywords file names can carry and not C{keyword}: Dovecot
+        keeps any further keyword in its index alone, which is not read
+        here, so the messages that have it cannot be told.
     """
-    letter = _keywordLetter(keywordsPath, keyword)
+    names = _fileNameKeywords(keywordsPath)
+    letter = next((letter for letter, name in names.items() if name.lower() == keyword.lower()), None)
     if letter is None:
+        if len(names) >= _FILE_NAME_KEYWORDS:
+            raise ImportFailed(
+                f"{keywordsPath} lists {_FILE_NAME_KEYWORDS} keywords, the most a maildir file name can carry, "
+                f"and not {keyword} (--deleted-flag): Dovecot keeps any further keyword in its index only, which "
+                f"mailgate does not read, so the messages POP3 clients deleted cannot be told from the others; "
+                f"move this maildrop with import pop3, through Dovecot's POP3, which leaves them out"
+            )
+        if progress is not None:
+            near = [name for name in names.values() if name.lower().lstrip("$") == keyword.lower().lstrip("$")]
+            progress(
+                f"no message has the keyword {keyword} (--deleted-flag), which {keywordsPath} does not list"
+                + (f" (it lists {near[0]})" if near else "")
+                + ": none left out as deleted by POP3 clients"
+            )
         return messages
     kept = [m for m in messages if letter not in _flags(os.path.basename(m.path))]
     if len(kept) < len(messages) and progress is not None:
@@ -698,24 +719,30 @@ def _withoutKeyword(messages, keyword, keywordsPath, progress):
     return kept
 
 
-def _keywordLetter(path, keyword):
+#: The keywords a maildir file name can carry: the letters a to z.
+_FILE_NAME_KEYWORDS = 26
+
+
+def _fileNameKeywords(path):
     """
-    The letter standing for C{keyword} in a maildir's file names, as its
-    C{dovecot-keywords} (lines C{<number> <keyword>}) gives it; C{None}
-    if it has none (or there is no such file: no keyword is used).
+    The keywords a maildir's file names carry, by the letter standing for
+    each, as its C{dovecot-keywords} (lines C{<number> <keyword>}, numbers
+    0 to 25 for C{a} to C{z}) gives them: C{{letter: keyword}}, empty if
+    there is no such file (no keyword was ever set).
     """
     try:
         with open(path, "rb") as f:
             lines = f.read(1 << 20).decode("utf-8", "surrogateescape").splitlines()
     except FileNotFoundError:
-        return None
+        return {}
     except OSError as e:
         raise ImportFailed(f"cannot read {path}: {e.strerror}") from None
+    names = {}
     for line in lines:
         number, _, name = line.partition(" ")
-        if _NUMBER.fullmatch(number) and int(number) < 26 and name.lower() == keyword.lower():
-            return chr(ord("a") + int(number))
-    return None
+        if _NUMBER.fullmatch(number) and int(number) < _FILE_NAME_KEYWORDS:
+            names.setdefault(chr(ord("a") + int(number)), name)
+    return names
 
 
 def _flags(filename):
