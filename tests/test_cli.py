@@ -2650,7 +2650,12 @@ def test_aMailboxCommandsBadValueIsRefusedBeforeTheDatabaseIsOpened(tmp_path, ar
     (["import", "forget", "bad@@x"], 65, BAD_ADDRESS),
     (["import", "maildir", "Maildir", "bad@@x"], 65, BAD_ADDRESS),
     (["import", "maildir", "Maildir", "a@example.org", "--uidl-format", "%Q"], 64,
-     "bad --uidl-format '%Q': %Q is not available here"),
+     "bad --uidl-format '%Q': %Q is no variable of pop3_uidl_format (Dovecot's are %u, %v, %f, %g and %m)"),
+    # A modifier Dovecot 2.3 has (a hash of its own) but no format needs:
+    # before, "%H is not available here", as though the maildir lacked it.
+    (["import", "maildir", "Maildir", "a@example.org", "--uidl-format", "%08Hf"], 64,
+     "bad --uidl-format '%08Hf': Dovecot's modifier H (%H) is not one the import computes: it takes L, U, X, "
+     "R, M, T and widths"),
     (["import", "maildir", "Maildir", "a@example.org", "--max-message-size", "abc"], 64,
      "bad --max-message-size: not a size: 'abc' (use e.g. 1G, 500M, 64K or octets)"),
     (["import", "pop3", "pop3://mail.example.org", "bad@@x"], 65, BAD_ADDRESS),

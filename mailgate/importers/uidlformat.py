@@ -174,11 +174,13 @@ def _format23(template, variables):
                 if end < 0:
                     raise ValueError(f"unterminated %{{ in {template!r}")
                 key = VARIABLES.get(template[i + 1:end])
-                name = template[i + 1:end]
+                name = "{" + template[i + 1:end] + "}"
                 i = end + 1
             else:
                 key = name = template[i]
                 i += 1
+            if key not in VARIABLES.values():
+                raise ValueError(_unknown23(name))
             if key not in variables or variables[key] is None:
                 raise ValueError(f"%{name} is not available here")
             value = variables[key]
@@ -198,6 +200,26 @@ def _format23(template, variables):
         else:
             out.append(value.rjust(width, "0"))
     return "".join(out)
+
+
+#: Dovecot 2.3's modifiers that no unique id format needs, not computed
+#: here: hashes of its own (C{H}, C{N}), an LDAP DN (C{D}), SQL escaping
+#: (C{E}).
+_UNCOMPUTED_MODIFIERS = "HNDE"
+
+
+def _unknown23(name):
+    """
+    Why C{%name} is refused in a 2.3 format: a modifier of Dovecot's that
+    is not computed here, or no variable at all.  (Before, each was "not
+    available here", as though the maildir lacked a value it should have.)
+    """
+    if name in _UNCOMPUTED_MODIFIERS:
+        return (
+            f"Dovecot's modifier {name} (%{name}) is not one the import computes: it takes L, U, X, R, M, T and "
+            f"widths"
+        )
+    return f"%{name} is no variable of pop3_uidl_format (Dovecot's are %u, %v, %f, %g and %m)"
 
 
 # -- Dovecot 2.4: reading a format ---------------------------------------------
