@@ -179,7 +179,10 @@ def test_anEmptyDeletedFlagIsRefused(tmp_path):
     url = f"sqlite:///{tmp_path / 'mail.sqlite3'}"
     code, out, err = mailgateHere(url, "import", "maildir", directory, ALICE, "--deleted-flag", " ")
     assert (code, out) == (64, "")
-    assert err == "mailgate: --deleted-flag is empty: give Dovecot's pop3_deleted_flag keyword, or leave it out\n"
+    assert err == (
+        "mailgate: --deleted-flag is empty: give Dovecot's pop3_deleted_flag keyword (in single quotes where it "
+        "begins with $, as in '$POP3Deleted', which a shell otherwise takes for a variable), or leave it out\n"
+    )
     assert not (tmp_path / "mail.sqlite3").exists()
 
 

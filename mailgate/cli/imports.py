@@ -78,7 +78,11 @@ def _importMaildirOptions(args):
     if args.deleted_flag is not None and not args.deleted_flag.strip():
         # An unset shell variable: no message carries it, and the mail POP3
         # clients deleted came back without a word.
-        raise CommandError("--deleted-flag is empty: give Dovecot's pop3_deleted_flag keyword, or leave it out", EX_USAGE)
+        raise CommandError(
+            "--deleted-flag is empty: give Dovecot's pop3_deleted_flag keyword (in single quotes where it begins "
+            "with $, as in '$POP3Deleted', which a shell otherwise takes for a variable), or leave it out",
+            EX_USAGE,
+        )
     _soleSourceWithMirror(args)
     args.max_message_size = _number(args.max_message_size, parseSize, "--max-message-size", minimum=1)
     args.address = _address(args.address)
