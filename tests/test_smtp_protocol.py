@@ -799,6 +799,22 @@ def test_vrfyRevealsNothing(users):
     assert s.command("EXPN staff") == "502 5.5.1 EXPN is not supported\r\n"
 
 
+@pytest.mark.parametrize("useLMTP", [False, True])
+def test_authIsSaidNotToBeEnabled(users, useLMTP):
+    """
+    A client set up to authenticate (an MUA given this host as its
+    outgoing server) is told that authentication is not enabled, as
+    Postfix without SASL tells it, not that AUTH is an unknown command;
+    the session goes on.
+    """
+    s = lmtp(users) if useLMTP else session(users)
+    assert s.command("AUTH PLAIN AGFsaWNlAHNlY3JldA==") == (
+        "502 5.5.1 authentication is not enabled: this server takes mail for its users, "
+        "it does not send mail for them\r\n"
+    )
+    assert s.command("NOOP") == "250 2.0.0 OK\r\n"
+
+
 def test_repliesNamingWhatTheClientSentStayWithinTheReplyLineLimit(users):
     """
     RFC 5321 section 4.5.3.1.5: a reply line is at most 512 octets, CRLF

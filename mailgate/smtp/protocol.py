@@ -911,6 +911,15 @@ class SMTPServer(CommandSession):
     def smtp_EXPN(self, argument):
         return self._bad(502, "5.5.1", "EXPN is not supported")
 
+    def smtp_AUTH(self, argument):
+        # Not offered (mailgate takes mail to its users, it relays none):
+        # a client set up to authenticate here, an MUA given this host as
+        # its outgoing server, is told so rather than "command not
+        # recognized", which reads as a broken server (Postfix without
+        # SASL says "authentication not enabled").  Counted as an error.
+        return self._bad(502, "5.5.1", "authentication is not enabled: this server takes mail for its users, "
+                                       "it does not send mail for them")
+
     def smtp_HELP(self, argument):
         self._reply(214, "2.0.0", "mailgate: see RFC 5321 (SMTP) and RFC 2033 (LMTP)")
         self._junk()
