@@ -448,6 +448,8 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
     if deletedFlag is not None:
         keywords = os.path.join(os.path.dirname(uidListPath) if uidListPath else directory, KEYWORDS)
         messages = _withoutKeyword(messages, deletedFlag, keywords, progress)
+    if uidList is not None and usesVariable(uidlFormat, "u"):
+        _reportUnnumbered(messages, uidList, progress)
     report = ImportReport()
     source = maildirSource(directory)
     try:
@@ -471,6 +473,42 @@ def importMaildir(store, directory, address, uidlFormat=None, now=None, progress
         )
         report.temporary = True
     return report
+
+
+def _reportUnnumbered(messages, uidList, progress):
+    """
+    Say which uids the files Dovecot has not numbered yet were given
+    (L{listMaildir}: the next ones, in the order Dovecot numbers new
+    files), and when those hold: only if Dovecot numbers these files
+    before it saves a message of its own.  Its LMTP, LDA and IMAP APPEND
+    take the next uid without numbering what another program (Postfix's
+    virtual, procmail) dropped in C{new/} (seen with Debian's Dovecot
+    2.3: a message its LMTP saved after such a file took the uid the
+    import had given the file, which Dovecot numbered after it at the
+    next POP3 login), and each would then be served under the other's id.
+    """
+    guessed = []
+    for message in messages:
+        record = uidList.records.get(message.base)
+        if record is None or record.uid != message.uid:
+            guessed.append(message.uid)
+    if not guessed or progress is None:
+        return
+    if len(guessed) == 1:
+        given = f"uid {guessed[0]}, the one Dovecot gives it next unless it first saves a message of its own"
+        taken = "which takes that uid"
+    else:
+        given = (
+            f"uids {min(guessed)} to {max(guessed)}, the ones Dovecot gives them next unless it first saves a "
+            f"message of its own"
+        )
+        taken = "which takes the first of them"
+    progress(
+        f"{counted(len(guessed), 'file')} that Dovecot has not numbered yet (dropped in by another program than "
+        f"Dovecot) got {given} (by its LMTP, LDA or IMAP), {taken}: where mail also comes in through Dovecot, "
+        f"have it number them just before the import (doveadm mailbox status -u USER messages INBOX), or import "
+        f"with Dovecot stopped"
+    )
 
 
 #: How many times a maildir is listed while Dovecot changes its uid list.
