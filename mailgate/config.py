@@ -31,7 +31,6 @@ import ipaddress
 import json
 import math
 import os
-import pwd
 import re
 import socket
 import stat
@@ -48,6 +47,7 @@ from mailgate.auth.oauth import ALGORITHMS as _JWT_ALGORITHMS
 from mailgate.auth.oauth import DEFAULT_ALGORITHMS as _JWT_DEFAULT_ALGORITHMS
 from mailgate.errors import ConfigurationError, InvalidAddress
 from mailgate.memory import TRIM_INTERVAL
+from mailgate.owners import ownerName
 from mailgate.plural import counted
 from mailgate.policy import settings as _policy
 from mailgate.policy.addresses import DEFAULT_EXEMPT_NETWORKS, NO_NETWORKS
@@ -2209,17 +2209,6 @@ def writableByOthers(path):
                 f"chmod o-w {directory}"
             )
     return None
-
-
-def ownerName(uid):
-    """
-    The name of the user C{uid}, for a line that says whose a file is, or
-    C{uid N} where the system has no name for it.
-    """
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
 
 
 def _notTrusted():

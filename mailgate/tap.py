@@ -25,6 +25,7 @@ from twisted.python import usage
 from mailgate import config as configuration
 from mailgate import logs, systemd, twistedcompat
 from mailgate.errors import ConfigurationError, UnavailableAtStart
+from mailgate.owners import ownerName
 from mailgate.service import checkedSpoolDirectory
 from mailgate.service import makeService as _makeService
 from mailgate.signals import HeldSignals
@@ -481,7 +482,7 @@ def _makeTwistdService(options):
         except ConfigurationError as e:
             raise _stopped(e) from None
         if unreadable:
-            user = configuration.ownerName(owner[0])
+            user = ownerName(owner[0])
             service.startupWarnings.append(("reload.unreadable", (
                 f"{user}, the user of twistd's --uid, may not read {', '.join(unreadable)}: the start "
                 f"read them as root, but a reload (SIGHUP, systemctl reload), made as {user}, cannot, "
@@ -734,7 +735,7 @@ def _checkUsable(service, config):
 
     @raise ConfigurationError: what the user cannot do, and why.
     """
-    user = configuration.ownerName(os.geteuid())
+    user = ownerName(os.geteuid())
     try:
         checkedSpoolDirectory(config)
         engine = getattr(service.store, "engine", None)

@@ -123,7 +123,7 @@ def passwordFileProblem(conninfo):
     """
     from psycopg.conninfo import conninfo_to_dict
 
-    from mailgate.config import ownerName
+    from mailgate.owners import ownerName
 
     try:
         given = conninfo_to_dict(conninfo).get("passfile")

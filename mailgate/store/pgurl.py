@@ -193,7 +193,7 @@ def _rootCertificateProblem(path):
     except IsADirectoryError:
         return "is a directory (sslrootcert names a file of PEM certificates)"
     except PermissionError as e:
-        from mailgate.config import ownerName
+        from mailgate.owners import ownerName
 
         return f"may not be read by the user running mailgate, {ownerName(os.geteuid())} ({e.strerror})"
     except ssl.SSLError:
