@@ -22,7 +22,7 @@ from fuzzing import fuzzSettings
 
 ALICE = "alice@example.org"
 PASSWORD = "secret"
-FUZZ = fuzzSettings(150)
+FUZZ = fuzzSettings(100)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 
 # Text a client puts in a command: anything but the line feed that ends it,

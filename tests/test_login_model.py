@@ -33,8 +33,8 @@ from mailgate.testing import POP3Session, TEST_HASH_COST, deliver, memoryStore, 
 
 from test_pop3_model import MODEL
 
-# 300 take about 8 s; MAILGATE_MODEL_EXAMPLES sets them, as for the others.
-LOGINS = settings(MODEL, max_examples=int(os.environ.get("MAILGATE_MODEL_EXAMPLES", "300")))
+# 200 take about 6 s; MAILGATE_MODEL_EXAMPLES sets them, as for the others.
+LOGINS = settings(MODEL, max_examples=int(os.environ.get("MAILGATE_MODEL_EXAMPLES", "200")))
 ALICE = "alice@example.org"
 ALICE_PASSWORD = "alice-pw"
 ADMIN = "admin"
