@@ -34,11 +34,25 @@ def cli(tmp_path, cheapCommandHashes):
     return CLI(tmp_path / "admin.sqlite3")
 
 
-def _imported(cli, tmp_path, text, *options):
+def _imported(cli, tmp_path, text, *options, inClear=()):
+    """
+    The lines C{user import} writes; on standard error nothing, but the
+    line of a C{--refresh} run that names the users C{inClear} (there,
+    their password in clear in the file: not compared).
+    """
     passwd = tmp_path / "passwd"
     passwd.write_text(text)
     result = cli("user", "import", str(passwd), *options)
-    assert (result.code, result.err) == (0, ""), result
+    said = ""
+    if inClear:
+        users = f"{len(inClear)} user{'s' if len(inClear) > 1 else ''}"
+        said = (
+            f"mailgate: {users} there ({inClear[0]}{', ...' if len(inClear) > 1 else ''}) had their password in "
+            f"clear in {passwd}: hashed when imported, it is mailgate's own, which --refresh leaves, as for a user "
+            f"who has logged in here; give those whose password changed on the old server the new one with "
+            f"mailgate user passwd\n"
+        )
+    assert (result.code, result.err) == (0, said), result
     return result.out.splitlines()
 
 
@@ -72,7 +86,7 @@ def test_aNewerFilesNologinDisablesTheUserWithRefresh(cli, tmp_path):
     assert login(cli.url, ALICE, PASSWORD).startswith("+OK")
     assert login(cli.url, BOB, PASSWORD).startswith("+OK")
 
-    assert _imported(cli, tmp_path, newer, "--refresh") == [
+    assert _imported(cli, tmp_path, newer, "--refresh", inClear=[CAROL]) == [
         f"disabled {ALICE} (as Dovecot's nologin has it now: Left)",
         f"disabled {BOB} (as Dovecot's fail has it now)",
         f"exists {CAROL}",
@@ -87,7 +101,9 @@ def test_aNewerFilesNologinDisablesTheUserWithRefresh(cli, tmp_path):
     assert login(cli.url, DAVE, f"new-{PASSWORD}") == "-ERR [AUTH] Login disabled for this user\r\n"
 
     # Run again: nothing left to change.
-    assert _imported(cli, tmp_path, newer, "--refresh")[-1] == "0 added, 0 updated, 4 already there, 0 failed"
+    assert _imported(cli, tmp_path, newer, "--refresh", inClear=[ALICE, BOB, CAROL])[-1] == (
+        "0 added, 0 updated, 4 already there, 0 failed"
+    )
 
 
 def test_aLineNoLongerDisabledLeavesTheUserDisabled(cli, tmp_path):
@@ -96,8 +112,32 @@ def test_aLineNoLongerDisabledLeavesTheUserDisabled(cli, tmp_path):
     without the nologin it had enables no one.
     """
     _imported(cli, tmp_path, f"{ALICE}:{{PLAIN}}{PASSWORD}::::::nologin=y reason=Moved\n")
-    assert _imported(cli, tmp_path, f"{ALICE}:{{PLAIN}}{PASSWORD}::::::\n", "--refresh") == [
+    assert _imported(cli, tmp_path, f"{ALICE}:{{PLAIN}}{PASSWORD}::::::\n", "--refresh", inClear=[ALICE]) == [
         f"exists {ALICE}",
         "0 added, 0 updated, 1 already there, 0 failed",
     ]
     assert login(cli.url, ALICE, PASSWORD) == "-ERR [AUTH] Moved\r\n"
+
+
+def test_aPasswordInClearIsNotComparedAndRefreshSaysSo(cli, tmp_path):
+    """
+    A password in clear ({PLAIN}) is hashed as it is imported: the hash
+    is mailgate's own from the start, which --refresh leaves (a newer
+    password could be told from it only by a scrypt check per user).
+    Walked: a user's password changed in the file while the move went on,
+    and the --refresh run said "exists" alone, the old password still
+    logging in and the new one refused.  Now one line says which users
+    --refresh left so, and what gives them the new password.  A hash
+    kept as imported is compared, and replaced, as before.
+    """
+    _imported(cli, tmp_path, f"{ALICE}:{{PLAIN}}{PASSWORD}::::::\n{DAVE}:{_md5(PASSWORD)}::::::\n")
+    newer = f"{ALICE}:{{PLAIN}}new-{PASSWORD}::::::\n{DAVE}:{_md5('new-' + PASSWORD)}::::::\n"
+    assert _imported(cli, tmp_path, newer, "--refresh", inClear=[ALICE]) == [
+        f"exists {ALICE}",
+        f"updated {DAVE}",
+        "0 added, 1 updated, 1 already there, 0 failed",
+    ]
+    assert login(cli.url, ALICE, PASSWORD).startswith("+OK")
+    assert login(cli.url, DAVE, f"new-{PASSWORD}").startswith("+OK")
+    # Without --refresh, nothing is said of them: nothing was asked.
+    assert _imported(cli, tmp_path, newer) == [f"exists {ALICE}", f"exists {DAVE}", "0 added, 2 already there, 0 failed"]

@@ -9,7 +9,7 @@ import re
 import unicodedata
 
 from mailgate.address import asciiDomain, normalizeDomain
-from mailgate.auth.foreign import UnusableHash, checksScheme
+from mailgate.auth.foreign import CLEARTEXT, UnusableHash, checksScheme, splitScheme
 from mailgate.auth.md5state import hmacMD5Context
 from mailgate.auth.passwords import (
     StoredCredentials,
@@ -173,6 +173,26 @@ def _staleImport(store, address, credentials, user=None):
     return user.passwordHash
 
 
+def _hashedInClear(account, user):
+    """
+    Whether C{account}'s line has its password in clear (C{{PLAIN}}) and
+    C{user} has mailgate's own hash: made of it at the import (or at a
+    login since).  A newer password in the file cannot be told from that
+    hash but by a check costing a quarter of a second of scrypt a user
+    (hours for a large site's file), so C{--refresh} leaves it, and says
+    so (it did not: the line said C{exists} alone, and a password
+    changed on the old server while the move went on stayed the old one
+    here without a word).
+    """
+    if user is None or needsUpgrade(user.passwordHash):
+        return False
+    try:
+        scheme, _, _ = splitScheme(account.password)
+    except UnusableHash:
+        return False
+    return scheme in CLEARTEXT
+
+
 def _userImportOptions(args):
     """
     C{user import}'s C{--scheme} and C{--domain}, read before the database
@@ -246,6 +266,9 @@ def _userImport(store, args, out, stdin):
     except OSError as e:
         raise CommandError(f"cannot read {shownFile}: {e.strerror}", EX_NOINPUT)
     added = updated = present = failed = 0
+    # With --refresh, the users there whose password was in clear: theirs
+    # is not compared (_hashedInClear).
+    unrefreshed = []
     # Users not there yet wait here, to be added IMPORT_BATCH at a time in
     # one transaction (store.addUsers): a commit each took half of a first
     # run's time (three transactions a user: 50,000 users in 122 s on
@@ -311,6 +334,8 @@ def _userImport(store, args, out, stdin):
             return
         present += 1
         hint = f" ({'; '.join(hints)}: --refresh)" if hints else ""
+        if args.refresh and _hashedInClear(account, user):
+            unrefreshed.append(address)
         out.write(f"exists {address}{hint}\n")
 
     def addPending():
@@ -422,6 +447,13 @@ def _userImport(store, args, out, stdin):
         raise
     refreshed = f"{updated} updated, " if args.refresh else ""
     out.write(f"{added} added, {refreshed}{present} already there, {failed} failed\n")
+    if unrefreshed:
+        args.stderr.write(
+            f"mailgate: {counted(len(unrefreshed), 'user')} there ({unrefreshed[0]}"
+            f"{', ...' if len(unrefreshed) > 1 else ''}) had their password in clear in {shownFile}: hashed when "
+            f"imported, it is mailgate's own, which --refresh leaves, as for a user who has logged in here; give "
+            f"those whose password changed on the old server the new one with mailgate user passwd\n"
+        )
     for domain in sorted(addedDomains):
         out.write(_domainNote(args, f"@{domain}", "its users"))
     audit.outcome(args, f"{added} added, {refreshed}{present} already there, {failed} failed")
@@ -982,9 +1014,10 @@ def _addUserCommands(commands):
     imports.add_argument(
         "--refresh",
         action="store_true",
-        help="replace the password of users already there whose password is still the one "
+        help="replace the password of users already there whose password is still the hash "
         "imported (they have not logged in to mailgate since) with the file's, for passwords "
-        "changed on the old server while the move goes on; and disable users already there whom "
+        "changed on the old server while the move goes on (not a password in clear, {PLAIN}, "
+        "hashed as imported: those users are named); and disable users already there whom "
         "the file now disables (nologin, fail), as user disable does",
     )
     imports.add_argument(
