@@ -28,7 +28,7 @@ from mailgate.testing import TEST_HASH_COST
 from e2e import runHere
 from fuzzing import fuzzSettings
 
-FUZZ = fuzzSettings(150)
+FUZZ = fuzzSettings(100)
 ALICE = "alice@example.org"
 #: what the command may end with (sysexits(3)); 70 is not among them
 STATUSES = {0, 1, 64, 65, 66, 67, 68, 69, 73, 74, 75, 76, 77, 78}
