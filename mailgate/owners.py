@@ -1,11 +1,15 @@
 """
-The machine's users as messages name them: whose a file is, who runs
-mailgate.  Its own module, below both the configuration's checks and the
-store's refusals, which name them alike (the store may not import the
-configuration: tests/test_contracts.py).
+The machine's users and files' permissions as messages name them: whose
+a file is, who runs mailgate, who else may read or change a file.  Its
+own module, below the configuration's checks, the store's refusals and
+the warnings of TLS keys, OAuth keys and database files, which all name
+them alike (the store may not import the configuration:
+tests/test_contracts.py).
 """
 
+import os
 import pwd
+import stat
 
 
 def ownerName(uid):
@@ -17,3 +21,14 @@ def ownerName(uid):
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+def permissionsOf(path):
+    """
+    The permission bits of the file at C{path} (C{0o640}), or C{None}
+    where it cannot be looked at: a warning about them has nothing to say.
+    """
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return None

@@ -58,7 +58,6 @@ import contextlib
 import datetime
 import os
 import ssl
-import stat
 import sys
 
 import attr
@@ -72,6 +71,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailgate.errors import ConfigurationError
+from mailgate.owners import permissionsOf
 from mailgate.plural import counted
 from mailgate.twistedcompat import twistedHandshakeDone
 
@@ -856,11 +856,9 @@ def keyFileWarning(path):
     its group may read is left alone: Debian's C{ssl-cert} group is the
     usual way to share one key between servers.
     """
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
+    permissions = permissionsOf(path)
+    if permissions is None:
         return None
-    permissions = stat.S_IMODE(mode)
     if permissions & 0o004:
         return (
             f"the TLS private key {path} is readable by every user (mode {permissions:04o}): "

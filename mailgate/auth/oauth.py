@@ -21,8 +21,6 @@ ever logged.
 
 import json
 import math
-import os
-import stat
 import time
 
 import attr
@@ -38,6 +36,7 @@ from zope.interface import Attribute, implementer
 from mailgate.address import loginAddress
 from mailgate.auth.saslsteps import Authenticate, Challenge, SASLError
 from mailgate.errors import ConfigurationError, InvalidAddress
+from mailgate.owners import permissionsOf
 
 #: The longest access token taken, in octets: Microsoft's and Keycloak's
 #: JWTs are one to three kilobytes (more with many groups); one this long
@@ -219,11 +218,8 @@ def keyFileWarning(path):
     refused, as a TLS private key others may replace is
     (L{mailgate.tls.keyFileWarning}).
     """
-    try:
-        permissions = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return None
-    if permissions & 0o022:
+    permissions = permissionsOf(path)
+    if permissions is not None and permissions & 0o022:
         return (
             f"the OAuth 2.0 key file {path} may be replaced by others than its owner (mode {permissions:04o}), "
             f"who could put a key of their own in it and log in as any user: chmod go-w it"

@@ -28,6 +28,7 @@ from zope.interface import implementer
 
 from mailgate.errors import ConfigurationError, DatabaseInUse, MaildropInUse, StorageFull, TemporaryFailure
 from mailgate.interfaces import IEngine, IMaildropLocks
+from mailgate.owners import permissionsOf
 from mailgate.store.reads import ThreadedMessageReads
 from mailgate.store.schema import upgradeConnection
 from mailgate.store.snapshot import readSnapshot, snapshotQuery
@@ -324,11 +325,8 @@ def databaseFileWarning(path):
     the password hashes) or change it.  Left as it is (an administrator
     may mean it, for a backup group), but said at every start.
     """
-    try:
-        permissions = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return None
-    if permissions & 0o077:
+    permissions = permissionsOf(path)
+    if permissions is not None and permissions & 0o077:
         return (
             f"the database {path} holds mail and password hashes, and others than its owner "
             f"may read or change it (mode {permissions:04o}): chmod 600 it"
