@@ -276,11 +276,12 @@ class AuthorizationCommands:
         for item in argument.split():
             name, _, value = item.partition("=")
             fields[name.upper()] = value
+        address = fields.get("ADDR", "")
         try:
             # Not with a zone (fe80::1%eth0): Python takes whatever text
             # follows the "%" into the address, which becomes the session's
             # peer in the log and the policy; Dovecot's proxy never sends one.
-            ip = ipaddress.ip_address(fields.get("ADDR", "").replace("%", "/"))
+            ip = None if "%" in address else ipaddress.ip_address(address)
             port = int(fields.get("PORT", "0"))
         except ValueError:
             ip = None
