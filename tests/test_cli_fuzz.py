@@ -121,3 +121,50 @@ def test_everyCommandEndsWithAStatusAndOneLineOfWhy(database, run):
             # One line of why (a usage error adds the command's usage).
             lines = err.rstrip("\n").splitlines()
             assert lines and lines[-1].startswith("mailgate"), shown
+
+
+#: what deliver may end with, as its --help says (an MTA's pipe acts on it)
+DELIVER_STATUSES = {0, 64, 65, 67, 75, 77}
+
+messages = st.one_of(
+    st.binary(max_size=400),
+    st.lists(st.sampled_from([b"Subject: x", b"", b".", b"..", b"From x", b"\x00", b"\xff", b"a\rb", b"x" * 1500]),
+             max_size=6).map(lambda lines: b"\n".join(lines)),
+    st.just(b""),
+)
+senders = st.one_of(st.none(), st.sampled_from(["", "MAILER-DAEMON", "bounce@example.net", "a@b@c", "\x1b@x.org",
+                                                "é@bücher.example", "<x@y.org>", " "]))
+
+
+@FUZZ
+# alice alone half the time, so that a good share of the runs deliver.
+@given(messages, st.one_of(st.just([ALICE]), st.lists(addresses, min_size=1, max_size=3)), senders)
+def test_deliverEndsWithAStatusItsMTAActsOn(database, message, recipients, sender):
+    """
+    C{mailgate deliver}, an MTA's pipe transport, given any octets, any
+    recipients and any sender: an exit status of those its help names
+    (never 70, never a traceback), and a message delivered (0) is in each
+    recipient's maildrop, one more than before; refused, in none.
+    """
+    before = _counts(database, recipients)
+    argv = ["deliver"] + ([] if sender is None else ["-f", sender]) + ["--", *recipients]
+    code, out, err = runHere(["--database", database, *argv], message)
+    shown = f"mailgate {argv!r} exited {code}\nstdout: {out[:2000]}\nstderr: {err[:2000]}"
+    assert code in DELIVER_STATUSES, shown
+    assert "Traceback" not in err and "internal error" not in err, shown
+    assert not _CONTROL.search(out) and not _CONTROL.search(err), shown
+    after = _counts(database, recipients)
+    for recipient in set(before) & set(after):
+        assert after[recipient] == before[recipient] + (1 if code == 0 else 0), (shown, before, after)
+
+
+def _counts(database, recipients):
+    """
+    How many messages each recipient that is a user has (by mailbox list).
+    """
+    counts = {}
+    for recipient in set(recipients):
+        code, out, _ = runHere(["--database", database, "mailbox", "list", "--json", recipient])
+        if code == 0:
+            counts[recipient] = out.count('"unique_id"')
+    return counts
