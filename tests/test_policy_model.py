@@ -379,12 +379,14 @@ class PolicyModel(RuleBasedStateMachine):
         model.tried.append((which, login, password))
         if key is None or model.banned(key, now):
             return
-        if password is not None and name is not None:
+        if password is not None:
+            # A login without a name (an OAUTHBEARER token without an
+            # authorisation identity) is the same by its password alone.
             recent = model.recent.setdefault(key, deque(maxlen=REMEMBERED))
-            if (name, password) in recent:
+            if (name or "", password) in recent:
                 # The same wrong password again: it guesses nothing.
                 return
-            recent.append((name, password))
+            recent.append((name or "", password))
         failure = Failure(key, name, now)
         model.known.add(failure)
         ban = bool(settings.banAfter) and model.count(key, now, settings.banWindow) >= settings.banAfter
