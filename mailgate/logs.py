@@ -497,6 +497,10 @@ def emitLine(logger, level, text, fields):
     logger.observer(fields)
 
 
+#: the address an object's default repr ends with (C{<X object at 0x7f...>})
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+(?=>)")
+
+
 class StandardLoggingForwarder(logging.Handler):
     """
     Records of Python's C{logging} module, as Twisted log events: the
@@ -527,7 +531,11 @@ class StandardLoggingForwarder(logging.Handler):
     def emit(self, record):
         try:
             level = next((ours for theirs, ours in self._LEVELS if record.levelno >= theirs), LogLevel.debug)
-            text = record.getMessage()
+            # Without the memory addresses of objects' reprs (psycopg's
+            # "<psycopg.Pipeline [BAD] at 0x7f3a...>"): they tell an
+            # administrator nothing, and make each such line unlike the
+            # last to whatever groups or counts lines.
+            text = _MEMORY_ADDRESS.sub("", record.getMessage())
             failure = None
             if record.exc_info and record.exc_info[1] is not None:
                 failure = Failure(record.exc_info[1], record.exc_info[0], record.exc_info[2])

@@ -633,14 +633,16 @@ def test_pythonLoggingRecordsBecomeLogEvents():
     library's namespace, its level, its message; one JSON line.
     """
     events = []
-    _forwarded(events).warning("error ignored terminating %r: %s", "<psycopg.Pipeline [BAD]>", "server closed")
+    _forwarded(events).warning("error ignored terminating %s: %s", "<psycopg.Pipeline [BAD] at 0x7f3a2b1c9e10>",
+                               "server closed")
     [event] = events
     assert event["log_namespace"] == "psycopg"
     assert event["log_level"] == LogLevel.warn
     record = json.loads(logs.eventAsJSONLine(event))
     assert record["event"] == "psycopg"
     assert record["level"] == "warn"
-    assert record["text"] == "error ignored terminating '<psycopg.Pipeline [BAD]>': server closed"
+    # Without the object's memory address, which says nothing to a reader.
+    assert record["text"] == "error ignored terminating <psycopg.Pipeline [BAD]>: server closed"
 
 
 def test_pythonLoggingExceptionsCarryTheirTraceback():
