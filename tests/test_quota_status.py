@@ -44,13 +44,11 @@ def backendStore(databaseURL):
     store.close()
 
 
-@pytest.fixture
-def users(backendStore):
+def addQuotaUsers(store):
     """
     full@ (1000 octets of quota, over it), roomy@ (10000 octets, nothing
-    stored), free@ (no quota).
+    stored), free@ (no quota), in C{store}; return it.
     """
-    store = backendStore
     for address in (FULL, ROOMY, FREE):
         addUser(store, address, PASSWORD)
     deliver(store, [FULL], b"Subject: big\r\n\r\n" + b"x" * 1200 + b"\r\n")
@@ -58,6 +56,14 @@ def users(backendStore):
     resultOf(store.setQuota(FULL, 1000))
     resultOf(store.setQuota(ROOMY, 10000))
     return store
+
+
+@pytest.fixture
+def users(backendStore):
+    """
+    The users of L{addQuotaUsers}, on each backend in turn.
+    """
+    return addQuotaUsers(backendStore)
 
 
 class Connection:

@@ -20,9 +20,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
 
-from mailgate.testing import addUser, deliver, memoryStore, resultOf
+from mailgate.testing import memoryStore
 
-from test_quota_status import FREE, FULL, PASSWORD, ROOMY, Connection, factoryFor, request_
+from test_quota_status import FREE, FULL, ROOMY, Connection, addQuotaUsers, factoryFor, request_
 from fuzzing import fuzzSettings
 
 FUZZ = fuzzSettings(200)
@@ -34,12 +34,7 @@ def quotaStore():
     """
     One store for every example: requests read it and never change it.
     """
-    store = memoryStore()
-    for address in (FULL, ROOMY, FREE):
-        addUser(store, address, PASSWORD)
-    deliver(store, [FULL], b"Subject: big\r\n\r\n" + b"x" * 1200 + b"\r\n")
-    resultOf(store.setQuota(FULL, 1000))
-    resultOf(store.setQuota(ROOMY, 10000))
+    store = addQuotaUsers(memoryStore())
     yield store
     store.close()
 
